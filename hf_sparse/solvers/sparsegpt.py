@@ -1,0 +1,64 @@
+"""SparseGPT (Frantar & Alistarh 2023): blocked OBS pruning with lazy batch updates.
+
+For columns ``i`` left to right, with ``U`` the upper Cholesky factor of ``H^-1``::
+
+    mask chosen from  w^2 / U_ii^2          (per block of columns: adaptive unstructured, or N:M groups)
+    err_i = (w_i - q_i) / U_ii              (q_i = 0 where pruned, w_i elsewhere)
+    W[:, i:] -= err_i  U[i, i:]             (OBS update of the not-yet-processed columns)
+
+Updates inside a block are immediate; those to later blocks are applied once per block (lazy batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import NM, Pattern, lowest_k_mask
+from ._linalg import damped_inverse, prepare_hessian
+
+__all__ = ["sparsegpt"]
+
+
+@torch.no_grad()
+def sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    pattern: Pattern,
+    *,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    name: str = "layer",
+) -> torch.Tensor:
+    """Prune ``weight [out, in]`` to ``pattern`` minimising ``||(W - W') X||`` given ``H = 2XX^T/n``; fp32 math."""
+    pattern.validate_for(weight.shape[1], name)
+    W, H, _ = prepare_hessian(weight.float(), hessian.float())
+    rows, cols = W.shape
+    U, _ = damped_inverse(H, dampening, upper_cholesky=True, name=name)
+    is_nm = isinstance(pattern, NM)
+    if is_nm:
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        count = end - start
+        W1 = W[:, start:end].clone()
+        U1 = U[start:end, start:end]
+        d = torch.diagonal(U1)
+        errors = torch.zeros_like(W1)
+        if is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            scores = (W1**2 / d.unsqueeze(0) ** 2).reshape(1, -1)
+            mask1 = lowest_k_mask(scores, int(scores.numel() * pattern.sparsity)).reshape(W1.shape)
+        for i in range(count):
+            if is_nm and i % pattern.m == 0:
+                group = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2
+                mask1[:, i : i + pattern.m] = lowest_k_mask(group, pattern.m - pattern.n)
+            w = W1[:, i]
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            errors[:, i] = err
+        W[:, start:end] = W1
+        W[:, end:] -= errors @ U[start:end, end:]
+    return W

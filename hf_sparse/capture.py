@@ -206,6 +206,8 @@ def capture_block_calls(
 
         return stub
 
+    # A block may already carry an instance-level forward (accelerate's offload hooks wrap it so); keep it.
+    wrapped = [block.__dict__.get("forward") for block in blocks]
     for index, block in enumerate(blocks):
         block.forward = make_stub(index)
     try:
@@ -215,8 +217,11 @@ def capture_block_calls(
             except _StopForward:
                 pass
     finally:
-        for block in blocks:
-            del block.forward  # drop the instance attribute; the class's forward is back
+        for block, previous in zip(blocks, wrapped):
+            if previous is not None:
+                block.forward = previous
+            else:
+                del block.forward  # drop the instance attribute; the class's forward is back
     return calls
 
 

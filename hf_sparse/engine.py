@@ -110,6 +110,7 @@ def prune(
     batch_size: int = 8,
     offload_activations: bool = False,
     progress: bool = True,
+    distributed: bool = True,
     **solver_options: Any,
 ) -> PruningReport:
     """Prune the linear layers of ``model``'s decoder blocks in place, one block at a time.
@@ -126,6 +127,8 @@ def prune(
         device: where each block is processed (default: where the block already is).
         batch_size: calibration samples per forward pass.
         offload_activations: keep the calibration activations on CPU between blocks.
+        distributed: under ``torchrun``/``accelerate launch`` (an initialised process group), split the
+            calibration batches and the layers' solvers across ranks; every rank ends with the same weights.
         solver_options: passed to the solver (e.g. ``blocksize=128, dampening=0.01`` for SparseGPT).
 
     Returns:
@@ -144,6 +147,19 @@ def prune(
     else:
         batches = as_batches(calibration, batch_size)
         check_calibration(model, batches)
+    calibration_info = (
+        {"nsamples": sum(b.input_ids.shape[0] for b in batches), "seqlen": max(b.input_ids.shape[1] for b in batches)}
+        if batches
+        else {}
+    )
+    rank, world = _process_group() if distributed else (0, 1)
+    if world > 1 and batches:
+        if len(batches) < world:
+            raise ValueError(
+                f"{len(batches)} calibration batches cannot be shared by {world} processes; "
+                f"use more samples or a smaller batch_size"
+            )
+        batches = batches[rank::world]  # each rank runs its share; the statistics are all-reduced per block
 
     target_matcher = NameMatcher(targets) if targets else None
     ignore_matcher = NameMatcher(ignore)
@@ -177,6 +193,18 @@ def prune(
     if not any(plan):
         raise ValueError("no layer to prune: every linear layer was excluded by targets/ignore/overrides")
 
+    if batches:
+        from .estimate import estimate_memory
+
+        logger.info(
+            estimate_memory(
+                model,
+                calibration_info["nsamples"],
+                calibration_info["seqlen"],
+                offload_activations=offload_activations,
+                world_size=world,
+            ).describe()
+        )
     was_training = model.training
     model.eval()
     compute = torch.device(device) if device is not None else None
@@ -184,7 +212,7 @@ def prune(
     calls = capture_block_calls(model, blocks, batches, store) if batches else None
 
     hidden = calls.hidden if calls else []
-    bar = tqdm(list(enumerate(blocks)), desc=f"{method} {default_pattern}", disable=not progress)
+    bar = tqdm(list(enumerate(blocks)), desc=f"{method} {default_pattern}", disable=not progress or rank != 0)
     for index, block in bar:
         block_device = compute or next(block.parameters()).device
         with _on_device(block, block_device):
@@ -205,23 +233,40 @@ def prune(
 
             targets_here = plan[index]
             if targets_here:
-                _prune_block(block, targets_here, batches, run, solver, solver_options, report, block_device)
+                _prune_block(
+                    block, targets_here, batches, run, solver, solver_options, report, block_device, rank, world
+                )
             if calls is not None and index + 1 < len(blocks):
                 hidden = run(range(len(batches)), keep=True)
         bar.set_postfix(layers=len(report.layers))
 
     model.train(was_training)
     report.seconds = time.perf_counter() - start_time
-    if batches:
-        report.calibration = {
-            "nsamples": sum(b.input_ids.shape[0] for b in batches),
-            "seqlen": max(b.input_ids.shape[1] for b in batches),
-        }
+    report.calibration = calibration_info
     _record_metadata(model, report, targets, ignore, overrides, solver_options)
     return report
 
 
-def _prune_block(block, targets_here, batches, run, solver, solver_options, report, device) -> None:
+def _all_reduce_stats(stats: dict[str, HessianStats]) -> None:
+    """Sum every rank's Hessian sums and token counts, so all ranks hold the statistics of all samples."""
+    for acc in stats.values():
+        torch.distributed.all_reduce(acc._sum)
+        count = torch.tensor([acc.nsamples], dtype=torch.float64, device=acc._sum.device)
+        torch.distributed.all_reduce(count)
+        acc.nsamples = int(count.item())
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _prune_block(
+    block, targets_here, batches, run, solver, solver_options, report, device, rank: int = 0, world: int = 1
+) -> None:
     """Accumulate the Hessians of this block's target linears, solve each layer and write it back."""
     linears = {name: module for name, (module, _) in targets_here.items()}
     stats: dict[str, HessianStats] = {}
@@ -251,7 +296,11 @@ def _prune_block(block, targets_here, batches, run, solver, solver_options, repo
                 h.remove()
     else:
         leaders = {name: name for name in linears}
-    for name, (module, pattern) in targets_here.items():
+    if world > 1:
+        _all_reduce_stats(stats)
+    # Layers are split across ranks (round robin); each result is then broadcast so every rank holds all weights.
+    items = list(targets_here.items())
+    for i, (name, (module, pattern)) in enumerate(items):
         t0 = time.perf_counter()
         original = weight_matrix(module).detach().to(device=device, dtype=torch.float32, copy=True)
         group = stats.get(leaders[name])
@@ -260,7 +309,16 @@ def _prune_block(block, targets_here, batches, run, solver, solver_options, repo
             logger.warning("%s received no calibration tokens and was left dense", name)
             continue
         hessian = group.hessian if group is not None else None
-        pruned = solver(original, hessian, pattern, name=name, **solver_options)
+        if world > 1:
+            owner = i % world
+            pruned = (
+                solver(original, hessian, pattern, name=name, **solver_options)
+                if rank == owner
+                else torch.empty_like(original)
+            )
+            torch.distributed.broadcast(pruned, src=owner)
+        else:
+            pruned = solver(original, hessian, pattern, name=name, **solver_options)
         set_weight_matrix(module, pruned)
         written = weight_matrix(module).detach()
         error = _relative_error(original, written.float(), hessian) if hessian is not None else float("nan")

@@ -182,7 +182,7 @@ class GatedMLP:
     ``"experts"`` ``gate``/``up`` name the 3-D ``gate_up_proj`` parameter), ``act`` the activation attribute.
     """
 
-    __slots__ = ("name", "module", "kind", "gate", "up", "down", "act")
+    __slots__ = ("act", "down", "gate", "kind", "module", "name", "up")
 
     def __init__(self, name: str, module: nn.Module, kind: str, gate: str, up: str, down: str, act: str):
         self.name, self.module, self.kind = name, module, kind

@@ -1,0 +1,90 @@
+"""Memory and time estimates for a pruning run, printed before work starts.
+
+The engine holds one decoder block's weights, the calibration activations entering and leaving it,
+one fp32 Hessian per group of layers that share an input, and the solver's workspace for the
+largest layer. The same function gives the written model for large models (docs/scaling.md), from a
+model built on the ``meta`` device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modules import find_decoder_blocks, find_linears, weight_matrix
+
+__all__ = ["MemoryEstimate", "estimate_memory"]
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each part of the peak working set of :func:`hf_sparse.prune` on one process."""
+
+    block_weights: int
+    activations: int
+    hessians: int
+    solver_workspace: int
+    blocks: int
+    solver_flops: float
+
+    @property
+    def peak(self) -> int:
+        return self.block_weights + self.activations + self.hessians + self.solver_workspace
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (
+            f"estimated peak {self.peak / gib:.2f} GiB on the compute device: one block's weights "
+            f"{self.block_weights / gib:.2f} GiB, activations {self.activations / gib:.2f} GiB, Hessians "
+            f"{self.hessians / gib:.2f} GiB, solver workspace {self.solver_workspace / gib:.2f} GiB; "
+            f"{self.blocks} blocks, {self.solver_flops / 1e12:.2f} TFLOP of solver work"
+        )
+
+
+def estimate_memory(
+    model: nn.Module,
+    nsamples: int,
+    seqlen: int,
+    *,
+    activation_dtype: torch.dtype | None = None,
+    offload_activations: bool = False,
+    world_size: int = 1,
+) -> MemoryEstimate:
+    """Peak working set of pruning ``model`` with ``nsamples x seqlen`` calibration tokens.
+
+    Works on a model on the ``meta`` device (nothing is allocated). With ``world_size`` processes, each
+    holds ``1/world_size`` of the activations and solves ``1/world_size`` of the layers.
+    """
+    _, blocks = find_decoder_blocks(model)
+    block = blocks[0]
+    params = list(block.parameters())
+    dtype = activation_dtype or (params[0].dtype if params else torch.float32)
+    block_weights = sum(p.numel() * p.element_size() for p in params)
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
+    per_rank_samples = -(-nsamples // world_size)
+    one_copy = per_rank_samples * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
+    activations = 0 if offload_activations else 2 * one_copy  # inputs of the block and the outputs being built
+    linears = find_linears(block)
+    in_dims = {}
+    for name, module in linears.items():
+        rows, cols = weight_matrix(module).shape
+        # layers of one block that read the same input share a Hessian: q/k/v and gate/up have equal in-dims
+        key = (name.rsplit(".", 2)[0], cols)
+        in_dims[key] = cols
+    hessians = sum(4 * c * c for c in in_dims.values())
+    largest = max((weight_matrix(m).shape for m in linears.values()), key=lambda s: s[0] * s[1])
+    solver_workspace = 4 * (2 * largest[1] * largest[1] + 2 * largest[0] * largest[1])  # H^-1, its factor, W copies
+    flops = sum(
+        2.0 * weight_matrix(m).shape[0] * weight_matrix(m).shape[1] ** 2 + weight_matrix(m).shape[1] ** 3
+        for m in linears.values()
+    )
+    return MemoryEstimate(
+        block_weights=block_weights,
+        activations=activations,
+        hessians=hessians,
+        solver_workspace=solver_workspace,
+        blocks=len(blocks),
+        solver_flops=flops * len(blocks) / world_size,
+    )

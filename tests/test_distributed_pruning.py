@@ -1,0 +1,41 @@
+"""Multi-process calibration: 2 CPU processes (gloo) give the single-process weights on every rank."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hf_sparse
+from conftest import tiny_model
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "prune_distributed.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, pattern", [("sparsegpt", "2:4"), ("wanda", "0.5")])
+def test_two_processes_equal_one(tmp_path, method, pattern):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           SCRIPT, str(tmp_path), method, pattern]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert rank0["nsamples"] == rank1["nsamples"] == 16
+    assert rank0["layers"] == rank1["layers"] == 14
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), key  # identical weights on every rank
+
+    single = tiny_model("llama")
+    calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    hf_sparse.prune(single, calib, method=method, sparsity=pattern, batch_size=2, progress=False)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(rank0["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)

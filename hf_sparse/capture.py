@@ -151,10 +151,10 @@ def to_device(value: Any, device: torch.device) -> Any:
 
 
 def input_device(model: nn.Module) -> torch.device:
+    from .offload import execution_device
+
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and hasattr(embeddings, "weight"):
-        return embeddings.weight.device
-    return next(model.parameters()).device
+    return execution_device(embeddings if embeddings is not None else model)
 
 
 def _model_inputs(batch: CalibrationBatch, device: torch.device) -> dict[str, Any]:

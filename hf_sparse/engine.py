@@ -31,7 +31,8 @@ from .capture import (
     input_device,
     to_device,
 )
-from .modules import NameMatcher, find_decoder_blocks, find_linears, resolve_override, weight_matrix, set_weight_matrix
+from .offload import any_offloaded, execution_device, read_weight_matrix, write_weight_matrix
+from .modules import NameMatcher, find_decoder_blocks, find_linears, resolve_override, weight_matrix
 from .patterns import Pattern, parse_pattern
 from .report import LayerResult, PruningReport
 from .solvers import HessianStats, get_solver
@@ -46,6 +47,8 @@ def _on_device(block: nn.Module, device: torch.device):
     """Move ``block`` to ``device`` for the duration, then back to where it was."""
     params = list(block.parameters())
     original = params[0].device if params else device
+    if any_offloaded(block):  # accelerate's hooks load the weights onto their execution device per forward
+        original = device
     if original != device:
         block.to(device)
     try:
@@ -214,7 +217,7 @@ def prune(
     hidden = calls.hidden if calls else []
     bar = tqdm(list(enumerate(blocks)), desc=f"{method} {default_pattern}", disable=not progress or rank != 0)
     for index, block in bar:
-        block_device = compute or next(block.parameters()).device
+        block_device = compute or execution_device(block)
         with _on_device(block, block_device):
             args_for = calls.args[index] if calls else []
             kwargs_for = calls.kwargs[index] if calls else []
@@ -302,7 +305,7 @@ def _prune_block(
     items = list(targets_here.items())
     for i, (name, (module, pattern)) in enumerate(items):
         t0 = time.perf_counter()
-        original = weight_matrix(module).detach().to(device=device, dtype=torch.float32, copy=True)
+        original = read_weight_matrix(module, device)
         group = stats.get(leaders[name])
         if group is not None and group.nsamples == 0:
             report.skipped[name] = "received no calibration tokens (never called in the forward pass)"
@@ -319,8 +322,7 @@ def _prune_block(
             torch.distributed.broadcast(pruned, src=owner)
         else:
             pruned = solver(original, hessian, pattern, name=name, **solver_options)
-        set_weight_matrix(module, pruned)
-        written = weight_matrix(module).detach()
+        written = write_weight_matrix(module, pruned).to(device)
         error = _relative_error(original, written.float(), hessian) if hessian is not None else float("nan")
         report.layers.append(
             LayerResult(

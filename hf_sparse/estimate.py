@@ -67,12 +67,15 @@ def estimate_memory(
     one_copy = per_rank_samples * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
     activations = 0 if offload_activations else 2 * one_copy  # inputs of the block and the outputs being built
     linears = find_linears(block)
-    in_dims = {}
+    # Layers that read the same input share a Hessian (q/k/v, gate/up): siblings with the same input size,
+    # except the parent's last linear (o_proj, down_proj, c_proj, fc2), which reads the siblings' output.
+    in_dims: dict[tuple[str, int], int] = {}
+    names = list(linears)
     for name, module in linears.items():
-        rows, cols = weight_matrix(module).shape
-        # layers of one block that read the same input share a Hessian: q/k/v and gate/up have equal in-dims
-        key = (name.rsplit(".", 2)[0], cols)
-        in_dims[key] = cols
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        last_of_parent = not any(n.startswith(parent + ".") for n in names[names.index(name) + 1 :])
+        cols = weight_matrix(module).shape[1]
+        in_dims[(name if last_of_parent else parent, cols)] = cols
     hessians = sum(4 * c * c for c in in_dims.values())
     largest = max((weight_matrix(m).shape for m in linears.values()), key=lambda s: s[0] * s[1])
     solver_workspace = 4 * (2 * largest[1] * largest[1] + 2 * largest[0] * largest[1])  # H^-1, its factor, W copies

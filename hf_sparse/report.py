@@ -79,7 +79,13 @@ class PruningReport:
             f"{self.overall_sparsity:.2%}, {self.seconds:.1f} s"
         )
         if self.skipped:
-            summary += f"; {len(self.skipped)} skipped"
+            summary += f"; {len(self.skipped)} skipped:"
+            reasons: dict[str, list[str]] = {}
+            for name, reason in self.skipped.items():
+                reasons.setdefault(reason, []).append(name)
+            for reason, names in reasons.items():
+                shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+                summary += f"\n  - {reason}: {shown}"
         return table + summary
 
     def __str__(self) -> str:

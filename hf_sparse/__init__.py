@@ -12,6 +12,15 @@ from .estimate import MemoryEstimate, estimate_memory
 from .engine import prune
 from .metrics import perplexity
 from .patterns import NM, Unstructured, parse_pattern
+from .persistence import (
+    CompressedCheckpointError,
+    SparsityMismatchError,
+    export_semi_structured,
+    from_pretrained,
+    load_sparse,
+    push_to_hub,
+    save_sparse,
+)
 from .report import LayerResult, PruningReport
 from .solvers import SOLVERS, get_solver, register_solver
 
@@ -27,6 +36,13 @@ __all__ = [
     "NM",
     "Unstructured",
     "parse_pattern",
+    "save_sparse",
+    "load_sparse",
+    "from_pretrained",
+    "push_to_hub",
+    "export_semi_structured",
+    "CompressedCheckpointError",
+    "SparsityMismatchError",
     "LayerResult",
     "PruningReport",
     "SOLVERS",

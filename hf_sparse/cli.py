@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .hub_cli import add_prune_save_arguments, add_push_parser, push_to_hub_after_prune, save_after_prune
 from .report import markdown_table
 
 __all__ = ["main"]
@@ -127,10 +128,8 @@ def _prune(args: argparse.Namespace) -> int:
         after = perplexity(model, eval_tokens, seqlen=min(args.seqlen, eval_tokens.numel()), progress=True)
         print(f"\nperplexity: {before:.3f} dense -> {after:.3f} pruned")
         model.config.sparsity_config["perplexity"] = {"dense": before, "pruned": after}
-    if args.output:
-        model.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
-        print(f"\nsaved to {args.output} (sparsity metadata in config.json: sparsity_config)")
+    save_after_prune(args, model, tokenizer)
+    push_to_hub_after_prune(args, model, tokenizer)
     return 0
 
 
@@ -169,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="test")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--output", default=None, help="directory for save_pretrained")
+    add_prune_save_arguments(p)
     p.set_defaults(func=_prune)
+    add_push_parser(sub)
     return parser
 
 

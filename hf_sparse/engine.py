@@ -35,6 +35,7 @@ from .offload import any_offloaded, execution_device, read_weight_matrix, write_
 from .modules import NameMatcher, find_decoder_blocks, find_linears, resolve_override, weight_matrix
 from .patterns import Pattern, parse_pattern
 from .report import LayerResult, PruningReport
+from .collect import StatsCollector
 from .solvers import HessianStats, get_solver
 
 logger = logging.getLogger(__name__)
@@ -58,28 +59,6 @@ def _on_device(block: nn.Module, device: torch.device):
             block.to(original)
 
 
-def _group_by_shared_input(block: nn.Module, linears: dict[str, nn.Module], run_once) -> dict[str, str]:
-    """``name -> leader``: layers that receive the very same input tensor share their leader's statistics."""
-    received: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in linears.items():
-
-        def hook(mod, args, name=name):
-            received[name] = args[0]
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        run_once()
-    finally:
-        for h in handles:
-            h.remove()
-    leaders: dict[str, str] = {}
-    for name in linears:
-        leader = next((other for other in leaders.values() if received.get(other) is received.get(name)), name)
-        leaders[name] = leader if name in received else name
-    return leaders
-
-
 def _relative_error(original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||(W - W')X|| / ||WX||`` from ``H = 2XX^T/n``: ``sqrt(tr(D H D^T) / tr(W H W^T))``."""
     delta = original - pruned
@@ -92,7 +71,7 @@ def _solver_options(solver, options: dict[str, Any], method: str) -> dict[str, A
     accepted = {
         name
         for name, p in inspect.signature(solver).parameters.items()
-        if p.kind == inspect.Parameter.KEYWORD_ONLY and name != "name"
+        if p.kind == inspect.Parameter.KEYWORD_ONLY and name not in ("name", "row_groups")
     }
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -272,68 +251,60 @@ def _prune_block(
 ) -> None:
     """Accumulate the Hessians of this block's target linears, solve each layer and write it back."""
     linears = {name: module for name, (module, _) in targets_here.items()}
-    stats: dict[str, HessianStats] = {}
+    collector = StatsCollector(linears, device)
     if batches:
-        leaders = _group_by_shared_input(block, linears, lambda: run([0], keep=False))
-        token_mask: dict[str, torch.Tensor | None] = {"mask": None}
-        handles = []
-        for name, module in linears.items():
-            if leaders[name] != name:
-                continue
-            stats[name] = HessianStats(weight_matrix(module).shape[1], device=device)
-
-            def hook(mod, args, name=name):
-                x = args[0]
-                mask = token_mask["mask"]
-                if mask is not None and x.dim() == 3:
-                    x = x[mask.to(x.device).bool()]
-                stats[name].add(x)
-
-            handles.append(module.register_forward_pre_hook(hook))
-        try:
+        with collector:
             for b, batch in enumerate(batches):
-                token_mask["mask"] = batch.attention_mask
+                collector.start_batch(batch.attention_mask)
                 run([b], keep=False)
-        finally:
-            for h in handles:
-                h.remove()
-    else:
-        leaders = {name: name for name in linears}
+                collector.end_batch()
+    stats = collector.stats
     if world > 1:
         _all_reduce_stats(stats)
-    # Layers are split across ranks (round robin); each result is then broadcast so every rank holds all weights.
-    items = list(targets_here.items())
-    for i, (name, (module, pattern)) in enumerate(items):
-        t0 = time.perf_counter()
-        original = read_weight_matrix(module, device)
-        group = stats.get(leaders[name])
-        if group is not None and group.nsamples == 0:
+    # Jobs: layers sharing a Hessian and a pattern are solved together when the solver can (one factorisation,
+    # one column sweep for q/k/v or gate/up). Jobs are split across ranks round robin and broadcast.
+    jobs: dict[tuple, list[str]] = {}
+    joint = "row_groups" in inspect.signature(solver).parameters
+    for name, (module, pattern) in targets_here.items():
+        group = stats.get(collector.leader_of(name))
+        if batches and (group is None or group.nsamples == 0):
             report.skipped[name] = "received no calibration tokens (never called in the forward pass)"
             logger.warning("%s received no calibration tokens and was left dense", name)
             continue
+        key = (collector.leader_of(name), str(pattern)) if joint else (name,)
+        jobs.setdefault(key, []).append(name)
+    for index, names in enumerate(jobs.values()):
+        t0 = time.perf_counter()
+        modules = [targets_here[n][0] for n in names]
+        pattern = targets_here[names[0]][1]
+        group = stats.get(collector.leader_of(names[0]))
         hessian = group.hessian if group is not None else None
-        if world > 1:
-            owner = i % world
-            pruned = (
-                solver(original, hessian, pattern, name=name, **solver_options)
-                if rank == owner
-                else torch.empty_like(original)
-            )
-            torch.distributed.broadcast(pruned, src=owner)
+        originals = [read_weight_matrix(m, device) for m in modules]
+        stacked = originals[0] if len(originals) == 1 else torch.cat(originals)
+        options = dict(solver_options, row_groups=[o.shape[0] for o in originals]) if len(names) > 1 else solver_options
+        owner = index % world
+        if rank == owner:
+            pruned = solver(stacked, hessian, pattern, name=",".join(names), **options)
         else:
-            pruned = solver(original, hessian, pattern, name=name, **solver_options)
-        written = write_weight_matrix(module, pruned).to(device)
-        error = _relative_error(original, written.float(), hessian) if hessian is not None else float("nan")
-        report.layers.append(
-            LayerResult(
-                name=name,
-                shape=tuple(original.shape),
-                pattern=str(pattern),
-                sparsity=float((written == 0).float().mean()),
-                rel_error=error,
-                seconds=time.perf_counter() - t0,
+            pruned = torch.empty_like(stacked)
+        if world > 1:
+            torch.distributed.broadcast(pruned, src=owner)
+        seconds = (time.perf_counter() - t0) / len(names)
+        for name, module, original, part in zip(
+            names, modules, originals, pruned.split([o.shape[0] for o in originals])
+        ):
+            written = write_weight_matrix(module, part).to(device)
+            error = _relative_error(original, written.float(), hessian) if hessian is not None else float("nan")
+            report.layers.append(
+                LayerResult(
+                    name=name,
+                    shape=tuple(original.shape),
+                    pattern=str(pattern),
+                    sparsity=float((written == 0).float().mean()),
+                    rel_error=error,
+                    seconds=seconds,
+                )
             )
-        )
     stats.clear()
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import hf_sparse
+import hf_sparse.collect
 from hf_sparse import solvers
 from hf_sparse.modules import find_decoder_blocks, find_linears, weight_matrix
 from conftest import tiny_model
@@ -120,14 +121,14 @@ def test_later_blocks_see_pruned_inputs(calib_ids):
 
 def test_statistics_shared_by_layers_reading_the_same_input(calib_ids, monkeypatch):
     created = []
-    original = hf_sparse.engine.HessianStats
+    original = hf_sparse.collect.HessianStats
 
     class Counting(original):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             created.append(self)
 
-    monkeypatch.setattr(hf_sparse.engine, "HessianStats", Counting)
+    monkeypatch.setattr(hf_sparse.collect, "HessianStats", Counting)
     model = tiny_model("llama")
     mask = torch.ones_like(calib_ids)
     mask[:, 24:] = 0  # right padding: excluded from the statistics

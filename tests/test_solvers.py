@@ -123,3 +123,15 @@ def test_bad_solver_inputs():
     with pytest.raises(ValueError, match="unknown pruning method 'foo'"):
         get_solver("foo")
     assert magnitude(W, None, Unstructured(0.5)).eq(0).sum() == W.numel() // 2
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
+def test_joint_solve_of_layers_sharing_a_hessian(pattern):
+    """Stacked layers (q/k/v) solved in one sweep equal separate solves, each with its own exact sparsity."""
+    W, H = correlated_problem(rows=48)
+    parts = [W[:16], W[16:24], W[24:]]
+    joint = sparsegpt(W, H, pattern, row_groups=[16, 8, 24]).split([16, 8, 24])
+    for part, got in zip(parts, joint):
+        alone = sparsegpt(part, H, pattern)
+        assert int((got == 0).sum()) == int(part.numel() * pattern.sparsity)
+        torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)

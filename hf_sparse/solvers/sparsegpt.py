@@ -11,6 +11,8 @@ Updates inside a block are immediate; those to later blocks are applied once per
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..patterns import NM, Pattern, lowest_k_mask
@@ -28,8 +30,14 @@ def sparsegpt(
     blocksize: int = 128,
     dampening: float = 0.01,
     name: str = "layer",
+    row_groups: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Prune ``weight [out, in]`` to ``pattern`` minimising ``||(W - W') X||`` given ``H = 2XX^T/n``; fp32 math."""
+    """Prune ``weight [out, in]`` to ``pattern`` minimising ``||(W - W') X||`` given ``H = 2XX^T/n``; fp32 math.
+
+    ``row_groups`` (row counts summing to ``out``) marks several layers stacked along the rows that share
+    ``H`` (q/k/v, gate/up): they share one factorisation and one column sweep, while each layer still
+    gets exactly its own sparsity (the adaptive unstructured mask is chosen per layer).
+    """
     pattern.validate_for(weight.shape[1], name)
     W, H, _ = prepare_hessian(weight.float(), hessian.float())
     rows, cols = W.shape
@@ -47,8 +55,13 @@ def sparsegpt(
         if is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            scores = (W1**2 / d.unsqueeze(0) ** 2).reshape(1, -1)
-            mask1 = lowest_k_mask(scores, int(scores.numel() * pattern.sparsity)).reshape(W1.shape)
+            scores = W1**2 / d.unsqueeze(0) ** 2
+            mask1 = torch.cat(
+                [
+                    lowest_k_mask(part.reshape(1, -1), int(part.numel() * pattern.sparsity)).reshape(part.shape)
+                    for part in scores.split(list(row_groups or [rows]))
+                ]
+            )
         for i in range(count):
             if is_nm and i % pattern.m == 0:
                 group = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2

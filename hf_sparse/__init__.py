@@ -7,10 +7,22 @@ calibration data, with reports and metadata that travel with the checkpoint.
 __version__ = "0.1.0"
 
 from .calibration import calibration_data
+from .cats import (
+    CATSCallback,
+    SparsityReport,
+    apply_cats,
+    apply_cats_from_config,
+    apply_teal,
+    cats_thresholds,
+    is_cats_applied,
+    measure_cats_sparsity,
+    remove_cats,
+)
 from .distill import DistillationArguments, DistillationTrainer
 from .estimate import MemoryEstimate, estimate_memory
 from .engine import prune
 from .metrics import perplexity
+from .modules import find_gated_mlps
 from .patterns import NM, Unstructured, parse_pattern
 from .persistence import (
     CompressedCheckpointError,
@@ -27,6 +39,16 @@ from .solvers import SOLVERS, get_solver, register_solver
 __all__ = [
     "__version__",
     "calibration_data",
+    "apply_cats",
+    "remove_cats",
+    "apply_cats_from_config",
+    "measure_cats_sparsity",
+    "CATSCallback",
+    "apply_teal",
+    "SparsityReport",
+    "is_cats_applied",
+    "cats_thresholds",
+    "find_gated_mlps",
     "DistillationArguments",
     "DistillationTrainer",
     "MemoryEstimate",
@@ -49,3 +71,20 @@ __all__ = [
     "get_solver",
     "register_solver",
 ]
+
+_LAZY = {
+    "evaluate_model": "hf_sparse.evaluation",
+    "run_zero_shot": "hf_sparse.evaluation",
+    "apply_relu": "hf_sparse.evaluation",
+    "remove_relu": "hf_sparse.evaluation",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str):
+    """Evaluation helpers load on first use (they pull in lm-eval and matplotlib)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_sparse' has no attribute {name!r}")

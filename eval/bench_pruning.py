@@ -44,7 +44,9 @@ def _run_one(args: tuple) -> dict:
 
     import hf_sparse
 
-    model_name, method, pattern, nsamples, seqlen, device = args
+    model_name, method, pattern, nsamples, seqlen, device, threads = args
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, calib, heldout = _data(model_name, nsamples, seqlen)
     if device.startswith("cuda"):
@@ -69,15 +71,17 @@ def _run_one(args: tuple) -> dict:
     }
 
 
-def _run_llmcompressor(python: str, model_name: str, pattern: str, nsamples: int, seqlen: int) -> dict:
+def _run_llmcompressor(python: str, model_name: str, pattern: str, nsamples: int, seqlen: int, threads: int) -> dict:
     """Run the peer's oneshot SparseGPT in its own virtual environment; measure our perplexity of its output."""
     import hf_sparse
     from transformers import AutoModelForCausalLM
 
     model, calib, heldout = _data(model_name, nsamples, seqlen)
+    _, tokenizer = load_small_model(model_name, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         src, out, calib_path = os.path.join(tmp, "model"), os.path.join(tmp, "out"), os.path.join(tmp, "calib.pt")
         model.save_pretrained(src)
+        tokenizer.save_pretrained(src)
         torch.save(calib, calib_path)
         script = os.path.join(os.path.dirname(__file__), "llmcompressor_oneshot.py")
         result = subprocess.run(
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llmcompressor-python", default=None, help="python of a venv with llmcompressor installed")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's)")
     args = parser.parse_args()
 
     model, _, heldout = _data(args.model, args.nsamples, args.seqlen)  # trains and caches before the children start
@@ -119,15 +124,21 @@ def main() -> None:
     for pattern in args.patterns:
         for method in args.methods:
             with ctx.Pool(1) as pool:
-                row = pool.apply(_run_one, ((args.model, method, pattern, args.nsamples, args.seqlen, args.device),))
+                row = pool.apply(
+                    _run_one, ((args.model, method, pattern, args.nsamples, args.seqlen, args.device, args.threads),)
+                )
             rows.append(row)
             print(f"{method:>10} {pattern:>4}: ppl {row['ppl']:.4f}  {row['seconds']:.2f} s", flush=True)
         if args.llmcompressor_python:
-            rows.append(_run_llmcompressor(args.llmcompressor_python, args.model, pattern, args.nsamples, args.seqlen))
+            rows.append(
+                _run_llmcompressor(
+                    args.llmcompressor_python, args.model, pattern, args.nsamples, args.seqlen, args.threads
+                )
+            )
     machine = f"{os.cpu_count()}-core CPU" if args.device == "cpu" else torch.cuda.get_device_name()
     print(
         f"\nsmall '{args.model}' Llama, {args.nsamples} x {args.seqlen} calibration tokens, "
-        f"torch {torch.__version__}, {machine}\n"
+        f"torch {torch.__version__}, {machine}, threads: {args.threads or torch.get_num_threads()}\n"
     )
     table = [["dense", "-", "0%", f"{dense_ppl:.4f}", "1.000", "-", "-"]]
     for r in rows:

@@ -62,16 +62,17 @@ def sparsegpt(
                     for part in scores.split(list(row_groups or [rows]))
                 ]
             )
+        # err_i = (w_i - q_i) / U_ii is w_i / U_ii where pruned and 0 where kept: one multiply by a scaled mask
+        prune_scale = mask1.float() / d.unsqueeze(0)
         for i in range(count):
             if is_nm and i % pattern.m == 0:
                 group = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2
                 mask1[:, i : i + pattern.m] = lowest_k_mask(group, pattern.m - pattern.n)
-            w = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            W1[:, i] = q
+                prune_scale[:, i : i + pattern.m] = mask1[:, i : i + pattern.m] / d[i : i + pattern.m].unsqueeze(0)
+            err = W1[:, i] * prune_scale[:, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # also turns column i into q_i (up to rounding)
             errors[:, i] = err
+        W1.masked_fill_(mask1, 0.0)  # exact zeros
         W[:, start:end] = W1
         W[:, end:] -= errors @ U[start:end, end:]
     return W

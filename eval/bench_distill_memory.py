@@ -108,8 +108,8 @@ def main() -> None:
         f"vocab {opts.vocab}, seq {opts.seq}, batch {opts.batch}, hidden {opts.hidden}, "
         f"chunk {opts.chunk_size}, {opts.kd_loss} + CE, device {opts.device}, torch {torch.__version__}"
     )
-    print(f"| variant | peak MiB (loss + backward) | seconds | loss |")
-    print(f"|---|---|---|---|")
+    print("| variant | peak MiB (loss + backward) | seconds | loss |")
+    print("|---|---|---|---|")
     for row in (naive, chunked):
         print(f"| {row['variant']} | {row['peak_mib']:.0f} | {row['seconds']:.1f} | {row['loss']:.6f} |")
     print(f"ratio chunked/naive peak: {ratio:.3f} (target <= 0.5); |loss difference| {loss_diff:.2e} (target <= 1e-5)")

@@ -35,6 +35,14 @@ from .persistence import (
 )
 from .report import LayerResult, PruningReport
 from .solvers import SOLVERS, get_solver, register_solver
+from .training import (
+    ConstantSparsityCallback,
+    GradualPruningCallback,
+    MaskSet,
+    OneShotPruningCallback,
+    RigLCallback,
+    merge_lora,
+)
 
 __all__ = [
     "__version__",
@@ -67,6 +75,12 @@ __all__ = [
     "SparsityMismatchError",
     "LayerResult",
     "PruningReport",
+    "OneShotPruningCallback",
+    "ConstantSparsityCallback",
+    "GradualPruningCallback",
+    "RigLCallback",
+    "MaskSet",
+    "merge_lora",
     "SOLVERS",
     "get_solver",
     "register_solver",

@@ -185,6 +185,7 @@ def prune(
                 calibration_info["seqlen"],
                 offload_activations=offload_activations,
                 world_size=world,
+                batch_size=batch_size,
             ).describe()
         )
     was_training = model.training
@@ -194,6 +195,8 @@ def prune(
     calls = capture_block_calls(model, blocks, batches, store) if batches else None
 
     hidden = calls.hidden if calls else []
+    if calls is not None:
+        calls.hidden = []  # the list above is the only reference, so block 0's inputs are freed after block 0
     bar = tqdm(list(enumerate(blocks)), desc=f"{method} {default_pattern}", disable=not progress or rank != 0)
     for index, block in bar:
         block_device = compute or execution_device(block)

@@ -24,6 +24,7 @@ class MemoryEstimate:
 
     block_weights: int
     activations: int
+    forward_workspace: int
     hessians: int
     solver_workspace: int
     blocks: int
@@ -31,13 +32,14 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        return self.block_weights + self.activations + self.hessians + self.solver_workspace
+        return self.block_weights + self.activations + self.forward_workspace + self.hessians + self.solver_workspace
 
     def describe(self) -> str:
         gib = 2**30
         return (
             f"estimated peak {self.peak / gib:.2f} GiB on the compute device: one block's weights "
-            f"{self.block_weights / gib:.2f} GiB, activations {self.activations / gib:.2f} GiB, Hessians "
+            f"{self.block_weights / gib:.2f} GiB, activations {self.activations / gib:.2f} GiB, one batch's forward "
+            f"{self.forward_workspace / gib:.2f} GiB, Hessians "
             f"{self.hessians / gib:.2f} GiB, solver workspace {self.solver_workspace / gib:.2f} GiB; "
             f"{self.blocks} blocks, {self.solver_flops / 1e12:.2f} TFLOP of solver work"
         )
@@ -51,6 +53,7 @@ def estimate_memory(
     activation_dtype: torch.dtype | None = None,
     offload_activations: bool = False,
     world_size: int = 1,
+    batch_size: int = 8,
 ) -> MemoryEstimate:
     """Peak working set of pruning ``model`` with ``nsamples x seqlen`` calibration tokens.
 
@@ -67,6 +70,15 @@ def estimate_memory(
     one_copy = per_rank_samples * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
     activations = 0 if offload_activations else 2 * one_copy  # inputs of the block and the outputs being built
     linears = find_linears(block)
+    # One batch through the block: its input, the attention and MLP intermediates (the widest linear output,
+    # three times for gated MLPs), and with eager attention its scores and probabilities (heads x T x T, twice).
+    widest = max(weight_matrix(m).shape[0] for m in linears.values())
+    heads = getattr(model.config, "num_attention_heads", None) or getattr(model.config, "n_head", 1)
+    element = torch.empty((), dtype=dtype).element_size()
+    batch = min(batch_size, per_rank_samples)
+    forward_workspace = batch * seqlen * (4 * hidden + 3 * widest) * element
+    if getattr(model.config, "_attn_implementation", "eager") == "eager":  # sdpa/flash never hold T x T scores
+        forward_workspace += 2 * batch * heads * seqlen**2 * element
     # Layers that read the same input share a Hessian (q/k/v, gate/up): siblings with the same input size,
     # except the parent's last linear (o_proj, down_proj, c_proj, fc2), which reads the siblings' output.
     in_dims: dict[tuple[str, int], int] = {}
@@ -86,6 +98,7 @@ def estimate_memory(
     return MemoryEstimate(
         block_weights=block_weights,
         activations=activations,
+        forward_workspace=forward_workspace,
         hessians=hessians,
         solver_workspace=solver_workspace,
         blocks=len(blocks),

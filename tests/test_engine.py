@@ -221,3 +221,18 @@ def test_peft_wrapped_model_prunes_base_layers_under_their_names(calib_ids):
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert float((q.base_layer.weight == 0).float().mean()) == pytest.approx(0.5)
     assert (q.lora_B.default.weight == 0).all() and (q.lora_A.default.weight != 0).all()
+
+
+def test_moe_experts_are_reported_as_skipped_not_silently(calib_ids, caplog):
+    import transformers as tf
+
+    cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with caplog.at_level(logging.WARNING):
+        report = hf_sparse.prune(model, calib_ids, method="sparsegpt", sparsity=0.5, progress=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in report.skipped
+    assert "not pruned yet" in report.skipped["model.layers.1.mlp.experts.down_proj"]
+    assert any("MoE expert" in r.message for r in caplog.records)
+    assert len(report.layers) == 8  # the attention projections are pruned

@@ -62,16 +62,23 @@ def as_batches(calibration: Any, batch_size: int) -> list[CalibrationBatch]:
         if isinstance(item, Mapping):
             if "input_ids" not in item:
                 raise ValueError(f"calibration batches need 'input_ids' (got keys {sorted(item)})")
-            ids, mask = item["input_ids"], item.get("attention_mask")
+            ids, mask = torch.as_tensor(item["input_ids"]), item.get("attention_mask")
         else:
-            ids, mask = item, None
-        ids = torch.as_tensor(ids)
+            ids, mask = torch.as_tensor(item), None
+        if ids.is_floating_point():
+            raise ValueError("calibration must hold integer token ids, got a floating-point tensor")
+        mask = None if mask is None else torch.as_tensor(mask)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-            mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
+            )
         if ids.numel() == 0:
             continue
-        batches.append(CalibrationBatch(ids.long(), None if mask is None else torch.as_tensor(mask)))
+        masks = [None] * len(ids.split(batch_size)) if mask is None else list(mask.split(batch_size))
+        batches += [CalibrationBatch(chunk.long(), m) for chunk, m in zip(ids.split(batch_size), masks)]
     if not batches:
         raise ValueError("calibration data is empty: no token ids were given")
     return batches

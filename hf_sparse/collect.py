@@ -32,11 +32,10 @@ class StatsCollector:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            if not self._grouped:
+            if not self._grouped and name not in self.leaders:  # a layer's first call decides its group
                 leader = next((owner for tensor, owner in self._seen if tensor is x), None)
                 if leader is None:
                     self._seen.append((x, name))
-                    self.stats[name] = HessianStats(weight_matrix(module).shape[1], device=self.device)
                     leader = name
                 self.leaders[name] = leader
             if self.leaders.get(name, name) != name:

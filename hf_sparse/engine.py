@@ -79,6 +79,7 @@ def _solver_options(solver, options: dict[str, Any], method: str) -> dict[str, A
     return options
 
 
+@torch.no_grad()
 def prune(
     model: nn.Module,
     calibration: Any = None,
@@ -176,12 +177,18 @@ def prune(
             len(experts),
             experts[0],
         )
+    all_names = [n for chosen in plan for n in chosen] + list(report.skipped)
+    for key in override_patterns:
+        if not any(resolve_override(n, {key: True}) for n in all_names):
+            logger.warning("overrides entry %r matched no module; it changes nothing", key)
     for unused in ignore_matcher.unused():
         logger.warning("ignore entry %r matched no module; nothing was excluded by it", unused)
     if target_matcher is not None:
         for unused in target_matcher.unused():
             logger.warning("targets entry %r matched no module", unused)
     if not any(plan):
+        if default_pattern.sparsity == 0 and not override_patterns:
+            raise ValueError("sparsity 0 prunes nothing: give a sparsity in (0, 1) or an N:M pattern")
         raise ValueError("no layer to prune: every linear layer was excluded by targets/ignore/overrides")
 
     if batches:
@@ -201,49 +208,60 @@ def prune(
     model.eval()
     compute = torch.device(device) if device is not None else None
     store = torch.device("cpu") if offload_activations else (compute or input_device(model))
-    calls = capture_block_calls(model, blocks, batches, store) if batches else None
+    try:
+        calls = capture_block_calls(model, blocks, batches, store) if batches else None
+        hidden = calls.hidden if calls else []
+        if calls is not None:
+            calls.hidden = []  # the list above is the only reference, so block 0's inputs are freed after block 0
+        bar = tqdm(list(enumerate(blocks)), desc=f"{method} {default_pattern}", disable=not progress or rank != 0)
+        for index, block in bar:
+            block_device = compute or execution_device(block)
+            with _on_device(block, block_device):
+                args_for = calls.args[index] if calls else []
+                kwargs_for = calls.kwargs[index] if calls else []
 
-    hidden = calls.hidden if calls else []
-    if calls is not None:
-        calls.hidden = []  # the list above is the only reference, so block 0's inputs are freed after block 0
-    bar = tqdm(list(enumerate(blocks)), desc=f"{method} {default_pattern}", disable=not progress or rank != 0)
-    for index, block in bar:
-        block_device = compute or execution_device(block)
-        with _on_device(block, block_device):
-            args_for = calls.args[index] if calls else []
-            kwargs_for = calls.kwargs[index] if calls else []
+                def run(batch_indices: Iterable[int], keep: bool) -> list[torch.Tensor]:
+                    outputs = []
+                    for b in batch_indices:
+                        out = block(
+                            hidden[b].to(block_device),
+                            *to_device(args_for[b], block_device),
+                            **to_device(kwargs_for[b], block_device),
+                        )
+                        if keep:
+                            outputs.append(block_output(out).detach().to(store))
+                    return outputs
 
-            def run(batch_indices: Iterable[int], keep: bool) -> list[torch.Tensor]:
-                outputs = []
-                for b in batch_indices:
-                    out = block(
-                        hidden[b].to(block_device),
-                        *to_device(args_for[b], block_device),
-                        **to_device(kwargs_for[b], block_device),
+                targets_here = plan[index]
+                if targets_here:
+                    _prune_block(
+                        block, targets_here, batches, run, solver, solver_options, report, block_device, rank, world
                     )
-                    if keep:
-                        outputs.append(block_output(out).detach().to(store))
-                return outputs
-
-            targets_here = plan[index]
-            if targets_here:
-                _prune_block(
-                    block, targets_here, batches, run, solver, solver_options, report, block_device, rank, world
-                )
-            if calls is not None and index + 1 < len(blocks):
-                hidden = run(range(len(batches)), keep=True)
-        bar.set_postfix(layers=len(report.layers))
-
-    model.train(was_training)
+                if calls is not None and index + 1 < len(blocks):
+                    hidden = run(range(len(batches)), keep=True)
+            bar.set_postfix(layers=len(report.layers))
+    finally:
+        model.train(was_training)
     report.seconds = time.perf_counter() - start_time
     report.calibration = calibration_info
     _record_metadata(model, report, targets, ignore, overrides, solver_options)
     return report
 
 
-def _all_reduce_stats(stats: dict[str, HessianStats]) -> None:
-    """Sum every rank's Hessian sums and token counts, so all ranks hold the statistics of all samples."""
-    for acc in stats.values():
+def _all_reduce_stats(stats: dict[str, HessianStats], collector: StatsCollector, linears: dict[str, nn.Module]) -> None:
+    """Sum every rank's Hessian sums and token counts, so all ranks hold the statistics of all samples.
+
+    The order is the block's layer order on every rank (not the order layers happened to be called), and a
+    layer a rank never saw gets an empty accumulator, so the collectives always match across ranks.
+    """
+    for name in linears:
+        leader = collector.leader_of(name)
+        if leader != name:
+            continue
+        if name not in stats:
+            device = next(iter(stats.values()))._sum.device if stats else "cpu"
+            stats[name] = HessianStats(weight_matrix(linears[name]).shape[1], device=device)
+        acc = stats[name]
         torch.distributed.all_reduce(acc._sum)
         count = torch.tensor([acc.nsamples], dtype=torch.float64, device=acc._sum.device)
         torch.distributed.all_reduce(count)
@@ -272,7 +290,7 @@ def _prune_block(
                 collector.end_batch()
     stats = collector.stats
     if world > 1:
-        _all_reduce_stats(stats)
+        _all_reduce_stats(stats, collector, linears)
     # Jobs: layers sharing a Hessian and a pattern are solved together when the solver can (one factorisation,
     # one column sweep for q/k/v or gate/up). Jobs are split across ranks round robin and broadcast.
     jobs: dict[tuple, list[str]] = {}
@@ -295,11 +313,21 @@ def _prune_block(
         stacked = originals[0] if len(originals) == 1 else torch.cat(originals)
         options = dict(solver_options, row_groups=[o.shape[0] for o in originals]) if len(names) > 1 else solver_options
         owner = index % world
-        if rank == owner:
+        if world == 1:
             pruned = solver(stacked, hessian, pattern, name=",".join(names), **options)
         else:
-            pruned = torch.empty_like(stacked)
-        if world > 1:
+            pruned, failure = torch.empty_like(stacked), None
+            if rank == owner:
+                try:
+                    pruned = solver(stacked, hessian, pattern, name=",".join(names), **options)
+                except Exception as err:  # every rank must learn of it, or the others wait in broadcast forever
+                    failure = err
+            flag = torch.tensor([1.0 if failure is not None else 0.0], device=stacked.device)
+            torch.distributed.all_reduce(flag)
+            if flag.item():
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"rank {owner} failed to prune {', '.join(names)}; see its error message")
             torch.distributed.broadcast(pruned, src=owner)
         seconds = (time.perf_counter() - t0) / len(names)
         for name, module, original, part in zip(

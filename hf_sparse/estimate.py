@@ -65,7 +65,10 @@ def estimate_memory(
     params = list(block.parameters())
     dtype = activation_dtype or (params[0].dtype if params else torch.float32)
     block_weights = sum(p.numel() * p.element_size() for p in params)
-    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if hidden is None:  # no config: read the width off block 0's first linear
+        hidden = weight_matrix(next(iter(find_linears(block).values()))).shape[1]
     per_rank_samples = -(-nsamples // world_size)
     one_copy = per_rank_samples * seqlen * hidden * torch.empty((), dtype=dtype).element_size()
     activations = 0 if offload_activations else 2 * one_copy  # inputs of the block and the outputs being built
@@ -73,11 +76,11 @@ def estimate_memory(
     # One batch through the block: its input, the attention and MLP intermediates (the widest linear output,
     # three times for gated MLPs), and with eager attention its scores and probabilities (heads x T x T, twice).
     widest = max(weight_matrix(m).shape[0] for m in linears.values())
-    heads = getattr(model.config, "num_attention_heads", None) or getattr(model.config, "n_head", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
     element = torch.empty((), dtype=dtype).element_size()
     batch = min(batch_size, per_rank_samples)
     forward_workspace = batch * seqlen * (4 * hidden + 3 * widest) * element
-    if getattr(model.config, "_attn_implementation", "eager") == "eager":  # sdpa/flash never hold T x T scores
+    if getattr(config, "_attn_implementation", "eager") == "eager":  # sdpa/flash never hold T x T scores
         forward_workspace += 2 * batch * heads * seqlen**2 * element
     # Layers that read the same input share a Hessian (q/k/v, gate/up): siblings with the same input size,
     # except the parent's last linear (o_proj, down_proj, c_proj, fc2), which reads the siblings' output.

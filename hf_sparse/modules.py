@@ -89,9 +89,14 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if any(part in NEVER_TARGET_PARTS for part in name.split(".")):
             continue
-        better = best is None or len(module) > len(best[1])
-        if best is not None and len(module) == len(best[1]) and expected == len(module):
-            better = len(best[1]) != expected
+        # a list as long as config.num_hidden_layers wins (a remote-code MoE may hold more experts than layers);
+        # otherwise the longest list
+        if best is None:
+            better = True
+        elif (len(module) == expected) != (len(best[1]) == expected):
+            better = len(module) == expected
+        else:
+            better = len(module) > len(best[1])
         if better:
             best = (name, module)
     if best is None:

@@ -7,6 +7,7 @@ weight to **prune** (set to zero).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -19,6 +20,7 @@ __all__ = [
     "Pattern",
     "parse_pattern",
     "lowest_k_mask",
+    "prune_count",
     "nm_mask",
     "unstructured_mask",
 ]
@@ -53,8 +55,10 @@ class NM:
     m: int
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.n < 0 or self.m <= 0:
-            raise ValueError(f"N:M needs integers 0 <= N < M, got {self.n}:{self.m}")
+        if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.n < 1 or self.m <= 0:
+            raise ValueError(
+                f"N:M needs integers 1 <= N < M (N weights kept in every M), got {self.n}:{self.m}; e.g. 2:4 or 4:8"
+            )
         if self.n >= self.m:
             raise ValueError(
                 f"N:M pattern {self.n}:{self.m} keeps N={self.n} of every M={self.m} weights, so N must be "
@@ -107,6 +111,11 @@ def parse_pattern(spec: "Pattern | float | int | str") -> Pattern:
     )
 
 
+def prune_count(total: int, sparsity: float) -> int:
+    """How many of ``total`` weights a sparsity prunes: ``floor(total * s)``, robust to float error (0.29 * 100 = 28.999...)."""
+    return int(math.floor(total * sparsity + 1e-9))
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask the ``k`` lowest scores of each row (ties broken by position, so the count is exact)."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
@@ -126,9 +135,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = True) -> torch.Tensor:
     """Mask the lowest ``sparsity`` fraction of scores, per row or over the whole matrix."""
     if per_row:
-        return lowest_k_mask(scores, int(scores.shape[-1] * sparsity))
+        return lowest_k_mask(scores, prune_count(scores.shape[-1], sparsity))
     flat = scores.reshape(1, -1)
-    return lowest_k_mask(flat, int(flat.numel() * sparsity)).reshape(scores.shape)
+    return lowest_k_mask(flat, prune_count(flat.numel(), sparsity)).reshape(scores.shape)
 
 
 def select_mask(scores: torch.Tensor, pattern: Pattern, per_row: bool = True) -> torch.Tensor:

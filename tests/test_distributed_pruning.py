@@ -39,3 +39,15 @@ def test_two_processes_equal_one(tmp_path, method, pattern):
     hf_sparse.prune(single, calib, method=method, sparsity=pattern, batch_size=2, progress=False)
     for key, value in single.state_dict().items():
         torch.testing.assert_close(rank0["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_a_failing_solver_raises_on_every_rank(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), SCRIPT, str(tmp_path), "obc-too-large", "0.5"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert "OBCTooLargeError" in errors[0] and "TFLOP" in errors[0]  # rank 0 owns the first job
+    assert "failed to prune" in errors[1]

@@ -236,3 +236,43 @@ def test_moe_experts_are_reported_as_skipped_not_silently(calib_ids, caplog):
     assert "not pruned yet" in report.skipped["model.layers.1.mlp.experts.down_proj"]
     assert any("MoE expert" in r.message for r in caplog.records)
     assert len(report.layers) == 8  # the attention projections are pruned
+
+
+def test_calibration_dicts_and_lists_are_split_into_batches(calib_ids):
+    from hf_sparse.capture import as_batches
+
+    mask = torch.ones_like(calib_ids)
+    assert len(as_batches({"input_ids": calib_ids, "attention_mask": mask}, 4)) == 4
+    assert len(as_batches([calib_ids[:8], calib_ids[8:]], 3)) == 6
+    with pytest.raises(ValueError, match="does not match"):
+        as_batches({"input_ids": calib_ids, "attention_mask": mask[:, :5]}, 4)
+    with pytest.raises(ValueError, match="integer token ids"):
+        as_batches([calib_ids.float()], 4)
+
+
+def test_block_forwards_run_without_autograd(calib_ids):
+    model = tiny_model("llama").train()
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    hf_sparse.prune(model, calib_ids, method="wanda", sparsity=0.5, progress=False)
+    assert seen and not any(seen)
+    assert model.training  # the train/eval mode the model came with is restored
+
+
+def test_a_layer_called_twice_per_forward_counts_every_call():
+    from hf_sparse.collect import StatsCollector
+
+    layer = nn.Linear(4, 4)
+    collector = StatsCollector({"twice": layer}, torch.device("cpu"))
+    with collector:
+        for _ in range(2):
+            collector.start_batch(None)
+            layer(torch.randn(3, 4))
+            layer(torch.randn(5, 4))
+            collector.end_batch()
+    assert collector.stats["twice"].nsamples == 16
+
+
+def test_zero_sparsity_is_a_clear_error(calib_ids):
+    with pytest.raises(ValueError, match="sparsity 0 prunes nothing"):
+        hf_sparse.prune(tiny_model("llama"), calib_ids, method="wanda", sparsity=0.0, progress=False)

@@ -45,3 +45,8 @@ def test_masks_are_exact_and_pick_lowest():
     assert (nm.view(6, 4, 4).sum(-1) == 2).all()
     layer = unstructured_mask(scores, 0.25, per_row=False)
     assert layer.sum() == 24 and not (layer.sum(1) == 4).all()  # global, not per row
+
+
+def test_zero_kept_per_group_is_rejected():
+    with pytest.raises(ValueError, match="1 <= N < M"):
+        parse_pattern("0:4")

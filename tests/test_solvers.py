@@ -105,9 +105,20 @@ def test_failed_cholesky_retries_with_more_damping_and_warns(caplog):
 
 
 def test_hopeless_hessian_raises():
-    H = torch.full((8, 8), float("nan"))
+    with pytest.raises(CholeskyError, match="NaN/inf"):
+        sparsegpt(torch.randn(4, 8), torch.full((8, 8), float("nan")), Unstructured(0.5))
     with pytest.raises(CholeskyError, match="not positive definite"):
-        sparsegpt(torch.randn(4, 8), H, Unstructured(0.5))
+        sparsegpt(torch.randn(4, 8), -1000 * torch.eye(8), Unstructured(0.5))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        wanda(torch.randn(4, 8), torch.full((8, 8), float("nan")), Unstructured(0.5))
+
+
+def test_prune_counts_are_robust_to_float_error():
+    from hf_sparse.patterns import prune_count
+
+    assert prune_count(100, 0.29) == 29 and prune_count(100, 0.57) == 57
+    W, H = correlated_problem(rows=4, cols=100)
+    assert ((wanda(W, H, Unstructured(0.29)) == 0).sum(1) == 29).all()
 
 
 def test_obc_refuses_large_layers_with_an_estimate():

@@ -38,6 +38,11 @@ def damped_inverse(
     """
     if percdamp < 0:
         raise ValueError(f"dampening must be >= 0, got {percdamp}")
+    if not torch.isfinite(H).all():
+        raise CholeskyError(
+            f"{name}: the Hessian has NaN/inf entries: the calibration activations of this layer overflowed or are NaN "
+            "(try float32/bfloat16 instead of float16, or check the calibration data)"
+        )
     mean_diag = torch.diagonal(H).mean().item()
     scale = mean_diag if mean_diag > 0 else 1.0
     frac = percdamp

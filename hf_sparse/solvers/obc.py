@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import NM, Pattern
+from ..patterns import NM, Pattern, prune_count
 from ._linalg import damped_inverse, prepare_hessian
 
 __all__ = ["obc", "obc_cost", "OBCTooLargeError"]
@@ -31,7 +31,7 @@ class OBCTooLargeError(ValueError):
 
 def obc_cost(rows: int, cols: int, sparsity: float, dtype_bytes: int = 4) -> tuple[float, float]:
     """``(flops, bytes)``: the estimated work and the memory of one row's inverse times ``rows``."""
-    steps = int(cols * sparsity)
+    steps = prune_count(cols, sparsity)
     return 2.0 * steps * rows * cols * cols, float(rows) * cols * cols * dtype_bytes
 
 
@@ -75,7 +75,7 @@ def _obc_rows(W: torch.Tensor, Hinv: torch.Tensor, pattern: Pattern) -> torch.Te
         steps = cols // pattern.m * (pattern.m - pattern.n)
         group_budget = torch.full((rows, cols // pattern.m), pattern.m - pattern.n, device=W.device)
     else:
-        steps = int(cols * pattern.sparsity)
+        steps = prune_count(cols, pattern.sparsity)
     inf = torch.tensor(float("inf"), device=W.device)
     for _ in range(steps):
         diag = torch.diagonal(Hinv, dim1=1, dim2=2)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..patterns import NM, Pattern, lowest_k_mask
+from ..patterns import NM, Pattern, lowest_k_mask, prune_count
 from ._linalg import damped_inverse, prepare_hessian
 
 __all__ = ["sparsegpt"]
@@ -39,6 +39,8 @@ def sparsegpt(
     gets exactly its own sparsity (the adaptive unstructured mask is chosen per layer).
     """
     pattern.validate_for(weight.shape[1], name)
+    if not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
     W, H, _ = prepare_hessian(weight.float(), hessian.float())
     rows, cols = W.shape
     U, _ = damped_inverse(H, dampening, upper_cholesky=True, name=name)
@@ -58,7 +60,7 @@ def sparsegpt(
             scores = W1**2 / d.unsqueeze(0) ** 2
             mask1 = torch.cat(
                 [
-                    lowest_k_mask(part.reshape(1, -1), int(part.numel() * pattern.sparsity)).reshape(part.shape)
+                    lowest_k_mask(part.reshape(1, -1), prune_count(part.numel(), pattern.sparsity)).reshape(part.shape)
                     for part in scores.split(list(row_groups or [rows]))
                 ]
             )

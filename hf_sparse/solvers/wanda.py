@@ -23,5 +23,8 @@ def wanda_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
 def wanda(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, name: str = "layer") -> torch.Tensor:
     """Zero the lowest-scoring weights of each row (or of each N:M group); no weight update."""
     pattern.validate_for(weight.shape[1], name)
-    mask = select_mask(wanda_scores(weight, hessian), pattern, per_row=True)
+    scores = wanda_scores(weight, hessian)
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{name}: NaN/inf in the input statistics; the calibration activations overflowed or are NaN")
+    mask = select_mask(scores, pattern, per_row=True)
     return weight.float().masked_fill(mask, 0.0)

@@ -7,29 +7,7 @@ import torch
 
 from hf_sparse.cats import CATSCallback, apply_cats, apply_teal, cats_thresholds, measure_cats_sparsity, remove_cats
 
-H, V = 64, 128
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=H,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=V,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tokens(n: int, t: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, V, (n, t), generator=torch.Generator().manual_seed(seed))
+from test_cats_patch import H, V, tiny_llama, tokens  # the same tiny model and token helper
 
 
 class _Tokens(torch.utils.data.Dataset):

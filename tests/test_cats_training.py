@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cats_patch import H, V, tiny_llama, tokens  # the same tiny model and token helper
 
 from hf_sparse.cats import CATSCallback, apply_cats, apply_teal, cats_thresholds, measure_cats_sparsity, remove_cats
-
-from test_cats_patch import H, V, tiny_llama, tokens  # the same tiny model and token helper
 
 
 class _Tokens(torch.utils.data.Dataset):

@@ -32,10 +32,11 @@ from .capture import (
     to_device,
 )
 from .offload import any_offloaded, execution_device, read_weight_matrix, write_weight_matrix
-from .modules import NameMatcher, find_decoder_blocks, find_linears, resolve_override, weight_matrix
+from .modules import ROUTER_NAMES, NameMatcher, find_decoder_blocks, find_linears, resolve_override, weight_matrix
 from .patterns import Pattern, parse_pattern
 from .report import LayerResult, PruningReport
 from .collect import StatsCollector
+from .experts import ExpertParam, ExpertStatsCollector, find_expert_params
 from .solvers import HessianStats, get_solver
 
 logger = logging.getLogger(__name__)
@@ -147,37 +148,56 @@ def prune(
     target_matcher = NameMatcher(targets) if targets else None
     ignore_matcher = NameMatcher(ignore)
     report = PruningReport(method=method, pattern=str(default_pattern))
+
+    def choose(name: str, in_features: int) -> Pattern | None:
+        """The pattern for this layer, or ``None`` (with the reason recorded) when it is left dense."""
+        if name.rsplit(".", 1)[-1] in ROUTER_NAMES:
+            report.skipped[name] = "MoE router (kept dense: it decides which experts run)"
+            return None
+        if target_matcher is not None and target_matcher.first_match(name) is None:
+            report.skipped[name] = "not in targets"
+            return None
+        hit = ignore_matcher.first_match(name)
+        if hit is not None:
+            report.skipped[name] = f"ignored by {hit!r}"
+            return None
+        pattern = next((p for k, p in override_patterns.items() if resolve_override(name, {k: p})), default_pattern)
+        pattern.validate_for(in_features, name)
+        if pattern.sparsity == 0:
+            report.skipped[name] = "sparsity 0"
+            return None
+        return pattern
+
+    # Per block: ordinary linears {name: (module, pattern)} and 3-D MoE expert weights {name: (ExpertParam, pattern)}
     plan: list[dict[str, tuple[nn.Module, Pattern]]] = []
+    expert_plan: list[dict[str, tuple[ExpertParam, Pattern]]] = []
     for index, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{index}"
         chosen = {}
-        for name, module in find_linears(block, f"{blocks_name}.{index}").items():
-            if target_matcher is not None and target_matcher.first_match(name) is None:
-                report.skipped[name] = "not in targets"
-                continue
-            hit = ignore_matcher.first_match(name)
-            if hit is not None:
-                report.skipped[name] = f"ignored by {hit!r}"
-                continue
-            pattern = next((p for k, p in override_patterns.items() if resolve_override(name, {k: p})), default_pattern)
-            pattern.validate_for(weight_matrix(module).shape[1], name)
-            if pattern.sparsity == 0:
-                report.skipped[name] = "sparsity 0"
-                continue
-            chosen[name] = (module, pattern)
+        for name, module in find_linears(block, prefix).items():
+            pattern = choose(name, weight_matrix(module).shape[1])
+            if pattern is not None:
+                chosen[name] = (module, pattern)
         plan.append(chosen)
+        experts = {}
+        for name, param in find_expert_params(block, prefix).items():
+            pattern = choose(name, param.in_features)
+            if pattern is not None:
+                experts[name] = (param, pattern)
+        expert_plan.append(experts)
     for name, module in model.named_modules():
         if name and not name.startswith(blocks_name + ".") and isinstance(module, (nn.Linear, nn.Embedding)):
             report.skipped.setdefault(name, "outside the decoder blocks (embeddings/lm_head are never pruned)")
-    experts = [f"{blocks_name}.{name}" for name, p in blocks.named_parameters() if p.dim() == 3]
-    for name in experts:  # transformers 5 MoE experts: one 3-D parameter holds every expert's matrix
-        report.skipped[name] = "3-D MoE expert weights (one slice per expert) are not pruned yet"
-    if experts:
+    known = {name for block_experts in expert_plan for name in block_experts} | set(report.skipped)
+    unknown = [f"{blocks_name}.{n}" for n, p in blocks.named_parameters() if p.dim() == 3]
+    unknown = [n for n in unknown if n not in known]
+    for name in unknown:
+        report.skipped[name] = "3-D parameter of an unrecognised expert layout (only gate_up_proj/down_proj experts)"
+    if unknown:
         logger.warning(
-            "%d MoE expert parameters (3-D, e.g. %s) are left dense: one-shot pruning of experts is not supported yet",
-            len(experts),
-            experts[0],
+            "%d 3-D parameters (e.g. %s) have an unrecognised layout and are left dense", len(unknown), unknown[0]
         )
-    all_names = [n for chosen in plan for n in chosen] + list(report.skipped)
+    all_names = [n for chosen in plan + expert_plan for n in chosen] + list(report.skipped)
     for key in override_patterns:
         if not any(resolve_override(n, {key: True}) for n in all_names):
             logger.warning("overrides entry %r matched no module; it changes nothing", key)
@@ -186,7 +206,7 @@ def prune(
     if target_matcher is not None:
         for unused in target_matcher.unused():
             logger.warning("targets entry %r matched no module", unused)
-    if not any(plan):
+    if not any(plan) and not any(expert_plan):
         if default_pattern.sparsity == 0 and not override_patterns:
             raise ValueError("sparsity 0 prunes nothing: give a sparsity in (0, 1) or an N:M pattern")
         raise ValueError("no layer to prune: every linear layer was excluded by targets/ignore/overrides")
@@ -233,9 +253,19 @@ def prune(
                     return outputs
 
                 targets_here = plan[index]
-                if targets_here:
+                if targets_here or expert_plan[index]:
                     _prune_block(
-                        block, targets_here, batches, run, solver, solver_options, report, block_device, rank, world
+                        block,
+                        targets_here,
+                        batches,
+                        run,
+                        solver,
+                        solver_options,
+                        report,
+                        block_device,
+                        rank,
+                        world,
+                        expert_plan[index],
                     )
                 if calls is not None and index + 1 < len(blocks):
                     hidden = run(range(len(batches)), keep=True)
@@ -277,18 +307,32 @@ def _process_group() -> tuple[int, int]:
 
 
 def _prune_block(
-    block, targets_here, batches, run, solver, solver_options, report, device, rank: int = 0, world: int = 1
+    block,
+    targets_here,
+    batches,
+    run,
+    solver,
+    solver_options,
+    report,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    experts_here: dict | None = None,
 ) -> None:
     """Accumulate the Hessians of this block's target linears, solve each layer and write it back."""
     linears = {name: module for name, (module, _) in targets_here.items()}
     collector = StatsCollector(linears, device)
+    expert_collector = ExpertStatsCollector({n: p for n, (p, _) in (experts_here or {}).items()}, device)
     if batches:
-        with collector:
+        with collector, expert_collector:
             for b, batch in enumerate(batches):
                 collector.start_batch(batch.attention_mask)
+                expert_collector.start_batch(batch.attention_mask)
                 run([b], keep=False)
                 collector.end_batch()
     stats = collector.stats
+    if experts_here:
+        _prune_experts(experts_here, expert_collector, bool(batches), solver, solver_options, report, device, world)
     if world > 1:
         _all_reduce_stats(stats, collector, linears)
     # Jobs: layers sharing a Hessian and a pattern are solved together when the solver can (one factorisation,
@@ -346,6 +390,50 @@ def _prune_block(
                 )
             )
     stats.clear()
+
+
+def _prune_experts(experts_here, collector, calibrated, solver, solver_options, report, device, world) -> None:
+    """Solve every expert slice of the block's 3-D expert weights with the Hessian of its own routed tokens.
+
+    Under several processes the per-expert statistics are all-reduced in a fixed order and every rank solves
+    every expert (deterministic, so the ranks agree without a broadcast).
+    """
+    joint = "row_groups" in inspect.signature(solver).parameters
+    for name, (param, pattern) in experts_here.items():
+        for expert in range(param.num_experts):
+            key = (name, expert)
+            if world > 1:
+                acc = collector.stats.setdefault(key, HessianStats(param.in_features, device=device))
+                torch.distributed.all_reduce(acc._sum)
+                count = torch.tensor([acc.nsamples], dtype=torch.float64, device=acc._sum.device)
+                torch.distributed.all_reduce(count)
+                acc.nsamples = int(count.item())
+            acc = collector.stats.get(key)
+            label = f"{name}.{expert}"
+            if calibrated and (acc is None or acc.nsamples == 0):
+                report.skipped[label] = "expert received no calibration tokens (never routed to)"
+                continue
+            t0 = time.perf_counter()
+            original = param.tensor[expert].detach().to(device=device, dtype=torch.float32, copy=True)
+            hessian = acc.hessian if acc is not None else None
+            options = dict(solver_options)
+            if joint and param.param == "gate_up_proj":  # gate and up halves: each its own exact sparsity
+                options["row_groups"] = [original.shape[0] // 2, original.shape[0] - original.shape[0] // 2]
+            pruned = solver(original, hessian, pattern, name=label, **options)
+            with torch.no_grad():
+                param.tensor[expert].copy_(pruned.to(param.tensor.dtype))
+            written = param.tensor[expert].detach().to(device)
+            error = _relative_error(original, written.float(), hessian) if hessian is not None else float("nan")
+            report.layers.append(
+                LayerResult(
+                    name=label,
+                    shape=tuple(original.shape),
+                    pattern=str(pattern),
+                    sparsity=float((written == 0).float().mean()),
+                    rel_error=error,
+                    seconds=time.perf_counter() - t0,
+                )
+            )
 
 
 def _record_metadata(model, report: PruningReport, targets, ignore, overrides, solver_options) -> None:

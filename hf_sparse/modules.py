@@ -32,6 +32,9 @@ except ImportError:  # pragma: no cover - older layouts
 TRANSPOSED_WEIGHT_TYPES: tuple[type, ...] = tuple(t for t in (_HFConv1D,) if t is not None)
 """Linear layers whose ``weight`` is stored as ``[in_features, out_features]``."""
 
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+"""Last name parts of MoE routers: linear in form, but they choose experts, so pruning them is never done."""
+
 NEVER_TARGET_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 """Module-name parts of adapter weights that belong to PEFT, not to the base model."""
 

@@ -223,19 +223,66 @@ def test_peft_wrapped_model_prunes_base_layers_under_their_names(calib_ids):
     assert (q.lora_B.default.weight == 0).all() and (q.lora_A.default.weight != 0).all()
 
 
-def test_moe_experts_are_reported_as_skipped_not_silently(calib_ids, caplog):
+def tiny_moe(kind: str):
     import transformers as tf
 
-    cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                  num_experts_per_tok=2, max_position_embeddings=128)
+    if kind == "mixtral":
+        cfg = tf.MixtralConfig(intermediate_size=128, num_local_experts=4, **common)
+    else:
+        cfg = tf.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                num_experts=4, **common)
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    with caplog.at_level(logging.WARNING):
-        report = hf_sparse.prune(model, calib_ids, method="sparsegpt", sparsity=0.5, progress=False)
-    assert "model.layers.0.mlp.experts.gate_up_proj" in report.skipped
-    assert "not pruned yet" in report.skipped["model.layers.1.mlp.experts.down_proj"]
-    assert any("MoE expert" in r.message for r in caplog.records)
-    assert len(report.layers) == 8  # the attention projections are pruned
+    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_experts_are_pruned_one_slice_per_expert(kind, calib_ids):
+    model = tiny_moe(kind)
+    report = hf_sparse.prune(model, calib_ids, method="sparsegpt", sparsity=0.5, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    results = {r.name: r for r in report.layers}
+    for e in range(experts.gate_up_proj.shape[0]):
+        name = f"model.layers.0.mlp.experts.gate_up_proj.{e}"
+        if name in report.skipped:
+            continue
+        gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+        assert float((gate == 0).float().mean()) == pytest.approx(0.5)  # each half its own exact sparsity
+        assert float((up == 0).float().mean()) == pytest.approx(0.5)
+        assert float((experts.down_proj[e] == 0).float().mean()) == pytest.approx(0.5)
+        assert results[name].rel_error < 1
+    assert sum(n.startswith("model.layers.1.mlp.experts.down_proj.") for n in results) >= 2
+    routers = [n for n in report.skipped if n.endswith(("mlp.gate", "shared_expert_gate"))]
+    assert all("router" in report.skipped[n] for n in routers) and not any("gate" == r.name[-4:] for r in report.layers)
+    if kind == "qwen2_moe":  # its shared-expert router is an nn.Linear: kept dense
+        assert "model.layers.0.mlp.shared_expert_gate" in routers
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=calib_ids[:2]).logits).all()
+
+
+def test_each_expert_gets_the_hessian_of_its_own_routed_tokens(calib_ids, recording_solver):
+    model = tiny_moe("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[1])))
+    with torch.no_grad():
+        model(input_ids=calib_ids)
+    handle.remove()
+    hidden, top_k = seen[0]
+    hf_sparse.prune(model, calib_ids, method="record", sparsity=0.5, batch_size=16, progress=False)
+    for e in range(4):
+        x = hidden[(top_k == e).any(dim=-1)].double()
+        if len(x) == 0:
+            continue
+        expected = (2 * x.t() @ x / x.shape[0]).float()
+        got = recording_solver[f"model.layers.0.mlp.experts.gate_up_proj.{e}"]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        gate, up = torch.nn.functional.linear(x.float(), experts.gate_up_proj[e]).chunk(2, dim=-1)
+        inter = (experts.act_fn(gate) * up).double()
+        expected_down = (2 * inter.t() @ inter / inter.shape[0]).float()
+        torch.testing.assert_close(recording_solver[f"model.layers.0.mlp.experts.down_proj.{e}"], expected_down,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_calibration_dicts_and_lists_are_split_into_batches(calib_ids):

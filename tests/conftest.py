@@ -30,6 +30,9 @@ def tiny_config(arch: str, **overrides):
         )
     elif arch == "phi3":
         cfg = tf.Phi3Config(hidden_size=64, intermediate_size=128, pad_token_id=0, **common)
+    elif arch == "mixtral":
+        cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, **common)
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=0, eos_token_id=0)
     elif arch == "opt":

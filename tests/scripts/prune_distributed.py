@@ -14,11 +14,12 @@ from conftest import tiny_model  # noqa: E402
 
 def main() -> None:
     out_dir, method, pattern = sys.argv[1], sys.argv[2], sys.argv[3]
+    arch = sys.argv[4] if len(sys.argv) > 4 else "llama"
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     if method == "obc-too-large":  # the owner rank's solver fails: every rank must raise, none may hang
         try:
             hf_sparse.prune(model, calib, method="obc", sparsity=pattern, batch_size=2, progress=False, max_flops=1.0)

@@ -291,11 +291,15 @@ def _all_reduce_stats(stats: dict[str, HessianStats], collector: StatsCollector,
         if name not in stats:
             device = next(iter(stats.values()))._sum.device if stats else "cpu"
             stats[name] = HessianStats(weight_matrix(linears[name]).shape[1], device=device)
-        acc = stats[name]
-        torch.distributed.all_reduce(acc._sum)
-        count = torch.tensor([acc.nsamples], dtype=torch.float64, device=acc._sum.device)
-        torch.distributed.all_reduce(count)
-        acc.nsamples = int(count.item())
+        _all_reduce_accumulator(stats[name])
+
+
+def _all_reduce_accumulator(acc: HessianStats) -> None:
+    """Sum one accumulator's Hessian sum and token count over all ranks."""
+    torch.distributed.all_reduce(acc._sum)
+    count = torch.tensor([acc.nsamples], dtype=torch.float64, device=acc._sum.device)
+    torch.distributed.all_reduce(count)
+    acc.nsamples = int(count.item())
 
 
 def _process_group() -> tuple[int, int]:
@@ -378,18 +382,7 @@ def _prune_block(
             names, modules, originals, pruned.split([o.shape[0] for o in originals])
         ):
             written = write_weight_matrix(module, part).to(device)
-            error = _relative_error(original, written.float(), hessian) if hessian is not None else float("nan")
-            report.layers.append(
-                LayerResult(
-                    name=name,
-                    shape=tuple(original.shape),
-                    pattern=str(pattern),
-                    sparsity=float((written == 0).float().mean()),
-                    rel_error=error,
-                    seconds=seconds,
-                )
-            )
-    stats.clear()
+            report.layers.append(_layer_result(name, original, written, hessian, pattern, seconds))
 
 
 def _prune_experts(experts_here, collector, calibrated, solver, solver_options, report, device, world) -> None:
@@ -403,11 +396,7 @@ def _prune_experts(experts_here, collector, calibrated, solver, solver_options, 
         for expert in range(param.num_experts):
             key = (name, expert)
             if world > 1:
-                acc = collector.stats.setdefault(key, HessianStats(param.in_features, device=device))
-                torch.distributed.all_reduce(acc._sum)
-                count = torch.tensor([acc.nsamples], dtype=torch.float64, device=acc._sum.device)
-                torch.distributed.all_reduce(count)
-                acc.nsamples = int(count.item())
+                _all_reduce_accumulator(collector.stats.setdefault(key, HessianStats(param.in_features, device=device)))
             acc = collector.stats.get(key)
             label = f"{name}.{expert}"
             if calibrated and (acc is None or acc.nsamples == 0):
@@ -423,17 +412,20 @@ def _prune_experts(experts_here, collector, calibrated, solver, solver_options, 
             with torch.no_grad():
                 param.tensor[expert].copy_(pruned.to(param.tensor.dtype))
             written = param.tensor[expert].detach().to(device)
-            error = _relative_error(original, written.float(), hessian) if hessian is not None else float("nan")
-            report.layers.append(
-                LayerResult(
-                    name=label,
-                    shape=tuple(original.shape),
-                    pattern=str(pattern),
-                    sparsity=float((written == 0).float().mean()),
-                    rel_error=error,
-                    seconds=time.perf_counter() - t0,
-                )
-            )
+            report.layers.append(_layer_result(label, original, written, hessian, pattern, time.perf_counter() - t0))
+
+
+def _layer_result(name, original, written, hessian, pattern, seconds) -> LayerResult:
+    """The report row of one pruned matrix: its sparsity as stored and its relative error on the calibration inputs."""
+    error = _relative_error(original, written.float(), hessian) if hessian is not None else float("nan")
+    return LayerResult(
+        name=name,
+        shape=tuple(original.shape),
+        pattern=str(pattern),
+        sparsity=float((written == 0).float().mean()),
+        rel_error=error,
+        seconds=seconds,
+    )
 
 
 def _record_metadata(model, report: PruningReport, targets, ignore, overrides, solver_options) -> None:
